@@ -1,0 +1,33 @@
+"""PedCLIP: vision-language model for pediatric X-rays with a Mixture of Body-part Experts."""
+
+from setuptools import find_packages, setup
+
+EXTRAS = {
+    "train": ["accelerate>=1.0", "datasets>=3.0", "tensorboard"],
+    "eval": ["datasets>=3.0", "scikit-learn>=1.3", "matplotlib>=3.7", "evaluate>=0.4"],
+    "dicom": ["pydicom>=3.0"],
+    "curate": ["pydicom>=3.0", "datasets>=3.0"],
+    "lora": ["peft>=0.13"],
+    "test": ["pytest>=8", "pydicom>=3.0", "pydicom-data", "accelerate>=1.0", "datasets>=3.0"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
+setup(
+    name="pedclip",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    py_modules=["configuration_pedclip", "modeling_pedclip", "processing_pedclip"],
+    packages=find_packages(include=["pedclip", "pedclip.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pillow>=10",
+    ],
+    extras_require=EXTRAS,
+)

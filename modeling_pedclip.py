@@ -192,7 +192,10 @@ class PedCLIPMoBE(nn.Module):
         scores = scores.to(hidden_states.dtype)
         fc1 = self.fc1_weight.permute(1, 0, 2).reshape(width, experts * hidden)
         activations = self.activation(torch.addmm(self.fc1_bias.view(-1), hidden_states.view(-1, width), fc1))
-        activations = activations.view(batch, tokens, experts, hidden) * scores[:, None, :, None]
+        activations = activations.view(batch, tokens, experts, hidden)
+        # In inference the scaling can overwrite the activations; autograd needs them kept for the gate's gradient.
+        scale = scores[:, None, :, None]
+        activations = activations * scale if torch.is_grad_enabled() else activations.mul_(scale)
         output = activations.view(batch, tokens, experts * hidden) @ self.fc2_weight.view(experts * hidden, width)
         return output + (scores @ self.fc2_bias)[:, None, :]
 
@@ -206,15 +209,19 @@ class PedCLIPMoBE(nn.Module):
         # Split the stacked weights once: indexing a Parameter per expert would allocate a full-size gradient each time.
         params = zip(*(p.unbind(0) for p in (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)))
         groups = hidden_states[images].split(counts)
-        outputs = [
-            self.activation(group @ w1 + b1) @ w2 + b2 for group, (w1, b1, w2, b2) in zip(groups, params) if len(group)
-        ]
-        output = torch.cat(outputs)
+        output = torch.cat([self.expert_mlp(group, *expert) for group, expert in zip(groups, params) if len(group)])
         if weights is not None:
             output = output * weights.reshape(-1)[order].to(output.dtype)[:, None, None]
         if top_k == 1:
             return output[torch.argsort(order)]
         return torch.zeros_like(hidden_states).index_add(0, images, output)
+
+
+    def expert_mlp(self, tokens: torch.Tensor, fc1_weight, fc1_bias, fc2_weight, fc2_bias) -> torch.Tensor:
+        """One expert on `tokens` `[n, N, C]`."""
+        flat = tokens.reshape(-1, tokens.shape[-1])
+        hidden = self.activation(torch.addmm(fc1_bias, flat, fc1_weight))
+        return torch.addmm(fc2_bias, hidden, fc2_weight).view(tokens.shape)
 
 
 def check_body_part_labels(labels: torch.Tensor | None, batch: int, num_experts: int) -> torch.Tensor:

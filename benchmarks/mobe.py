@@ -1,0 +1,131 @@
+"""MoBE speed against equal-FLOP transformers ViTs, measured in one run with paired, alternating timings.
+
+    python benchmarks/mobe.py                      # CPU-sized ViT (4 layers, width 192, 112 px)
+    python benchmarks/mobe.py --preset vit-b16 --dtype bfloat16   # the paper's ViT-B/16, on a GPU
+
+Rows (targets from the model-package issue):
+- soft routing, MoBE in every layer / `ViTModel` whose MLP is E times wider (same FLOPs): forward <= 1.15,
+  training step (forward + backward) <= 1.2.
+- label and top-1 routing at a skewed body-part mix / a plain `ViTModel` (same FLOPs per image): <= 1.3.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import ViTConfig, ViTModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from configuration_pedclip import PedCLIPVisionConfig  # noqa: E402
+from modeling_pedclip import PedCLIPVisionModel  # noqa: E402
+
+PRESETS = {
+    "cpu-small": dict(hidden_size=192, num_attention_heads=3, num_hidden_layers=4, intermediate_size=768,
+                      image_size=112, patch_size=16, batch_size=16),
+    "vit-b16": dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=12, intermediate_size=3072,
+                    image_size=224, patch_size=16, batch_size=32),
+}  # fmt: skip
+# Share of each expert's images, shaped like PeXR (chest, wrist and forearm ~46%; a long tail).
+SKEWED_MIX = [0.22, 0.14, 0.10, 0.08, 0.07, 0.06, 0.05, 0.05, 0.04, 0.03, 0.03, 0.02, 0.02, 0.02, 0.01, 0.01,
+              0.01, 0.01, 0.01, 0.01, 0.005, 0.005, 0.0]  # fmt: skip
+
+
+def build_models(preset: dict, num_experts: int, device, dtype):
+    """The MoBE tower (MoBE in every layer) and its two peers: a wide-MLP ViT and a plain ViT."""
+    shape = {k: v for k, v in preset.items() if k != "batch_size"}
+    moe_config = PedCLIPVisionConfig(**shape, num_experts=num_experts, moe_layers=list(range(shape["num_hidden_layers"])))
+    moe = PedCLIPVisionModel(moe_config)
+    wide = ViTModel(ViTConfig(**{**shape, "intermediate_size": num_experts * shape["intermediate_size"]}),
+                    add_pooling_layer=False)  # fmt: skip
+    plain = ViTModel(ViTConfig(**shape), add_pooling_layer=False)
+    return [m.to(device=device, dtype=dtype) for m in (moe, wide, plain)]
+
+
+def step_fn(model, pixels, train: bool, **route):
+    """One forward (no grad) or one training step (forward + backward of a scalar) of `model`."""
+
+    def run():
+        if train:
+            model.zero_grad(set_to_none=True)
+            model(pixels, **route).last_hidden_state.float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                model(pixels, **route)
+
+    return run
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def paired_ratio(fn, peer, device, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of `fn` and `peer`, and the median of per-pair ratios; the order alternates each pair."""
+    fn(), peer()  # warm-up
+    times, peer_times, ratios = [], [], []
+    for i in range(repeats):
+        first, second = (fn, peer) if i % 2 == 0 else (peer, fn)
+        t_first, t_second = timed(first, device), timed(second, device)
+        t_fn, t_peer = (t_first, t_second) if i % 2 == 0 else (t_second, t_first)
+        times.append(t_fn), peer_times.append(t_peer), ratios.append(t_fn / t_peer)
+    return statistics.median(times), statistics.median(peer_times), statistics.median(ratios)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="cpu-small")
+    parser.add_argument("--num_experts", type=int, default=23)
+    parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a ratio misses its target")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    preset = dict(PRESETS[args.preset], **({"batch_size": args.batch_size} if args.batch_size else {}))
+    moe, wide, plain = build_models(preset, args.num_experts, device, dtype)
+    batch, size = preset["batch_size"], preset["image_size"]
+    pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    mix = torch.tensor(SKEWED_MIX[: args.num_experts]) + 1e-9
+    labels = torch.multinomial(mix / mix.sum(), batch, replacement=True, generator=torch.Generator().manual_seed(0))
+    labels = labels.to(device)
+    with torch.no_grad():
+        topk_experts = moe(pixels, router_mode="topk").gate_logits[0].argmax(-1)
+    print(f"preset {args.preset} batch {batch} experts {args.num_experts} {args.dtype} on {device}; threads "
+          f"{torch.get_num_threads()}; label mix uses {labels.unique().numel()} experts, top-1 (untrained gate) "
+          f"{topk_experts.unique().numel()}")  # fmt: skip
+
+    rows = [
+        ("soft, forward", moe, wide, False, {"router_mode": "soft"}, "wide ViTModel (E x MLP)", 1.15),
+        ("soft, training step", moe, wide, True, {"router_mode": "soft"}, "wide ViTModel (E x MLP)", 1.2),
+        ("label, forward", moe, plain, False, {"router_mode": "label", "body_part_labels": labels}, "plain ViTModel", 1.3),
+        ("label, training step", moe, plain, True, {"router_mode": "label", "body_part_labels": labels}, "plain ViTModel", 1.3),
+        ("top-1, forward", moe, plain, False, {"router_mode": "topk"}, "plain ViTModel", 1.3),
+    ]  # fmt: skip
+    missed = []
+    print(f"{'PedCLIP vision tower':<24}{'peer':<26}{'ms':>9}{'peer ms':>9}{'ratio':>7}{'target':>8}")
+    for name, model, peer, train, route, peer_name, target in rows:
+        model.train(train), peer.train(train)
+        ms, peer_ms, ratio = paired_ratio(
+            step_fn(model, pixels, train, **route), step_fn(peer, pixels, train), device, args.repeats
+        )
+        verdict = "ok" if ratio <= target else "MISSED"
+        missed += [name] if ratio > target else []
+        print(f"{name:<24}{peer_name:<26}{ms * 1e3:9.1f}{peer_ms * 1e3:9.1f}{ratio:7.3f}{'<=' + str(target):>8} {verdict}")
+    if args.check and missed:
+        sys.exit(f"missed targets: {missed}")
+
+
+if __name__ == "__main__":
+    main()

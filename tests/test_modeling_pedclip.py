@@ -219,3 +219,50 @@ def test_bad_pixel_values_shape_is_a_clear_error():
     inputs["pixel_values"] = inputs["pixel_values"][..., :16]
     with pytest.raises(ValueError, match="pixel_values must be"):
         PedCLIPModel(config)(**inputs)
+
+
+def reference_soft_mixture(mobe: PedCLIPMoBE, hidden, scores):
+    """The paper's formula, expert by expert, with plain autograd."""
+    outputs = [mobe.expert_mlp(hidden, *(p[e] for p in (mobe.fc1_weight, mobe.fc1_bias, mobe.fc2_weight, mobe.fc2_bias)))
+               for e in range(mobe.num_experts)]  # fmt: skip
+    return sum(scores[:, e, None, None] * out for e, out in enumerate(outputs))
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "relu"])
+def test_soft_mixture_gradients_match_the_formula(hidden_act):
+    """The fused soft path (activations scaled in place) gives the reference gradients for experts, gate and input."""
+    config = tiny_config(vision={"hidden_act": hidden_act}).vision_config
+    mobe = PedCLIPMoBE(config).double()
+    randomize_experts(mobe)
+    hidden = torch.randn(3, 9, config.hidden_size, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(3, config.num_experts, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(3, 9, config.hidden_size, dtype=torch.float64)
+
+    def grads(fn):
+        mobe.zero_grad(), setattr(hidden, "grad", None), setattr(logits, "grad", None)
+        (fn(hidden, logits.softmax(-1)) * target).sum().backward()
+        return [hidden.grad.clone(), logits.grad.clone()] + [p.grad.clone() for p in mobe.parameters() if p.grad is not None]
+
+    fused, reference = grads(mobe.soft_mixture), grads(lambda h, s: reference_soft_mixture(mobe, h, s))
+    assert len(fused) == len(reference) == 6
+    for got, expected in zip(fused, reference):
+        torch.testing.assert_close(got, expected)
+
+
+def test_scale_experts_gradient_with_a_zero_gate():
+    """Where a gate weight is exactly 0 its score gradient is 0, and every other gradient is exact."""
+    from modeling_pedclip import ScaleExperts
+
+    activations = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)  # 2 images x 2 tokens, 3 experts x 2
+    scores = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(4, 6, dtype=torch.float64)
+    fused = ScaleExperts.apply(activations * 1, scores)
+    fused.backward(grad_out)
+    fused_grads = activations.grad.clone(), scores.grad.clone()
+    activations.grad = scores.grad = None
+    per_token = scores.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    (activations * per_token).backward(grad_out)
+    torch.testing.assert_close(fused_grads[0], activations.grad)
+    expected_scores_grad = scores.grad.clone()
+    expected_scores_grad[0, 2] = 0.0
+    torch.testing.assert_close(fused_grads[1], expected_scores_grad)

@@ -94,10 +94,11 @@ def test_upcycling_is_pure_and_copies_the_mlp():
     before = {k: v.clone() for k, v in state.items()}
     up = upcycle_mlps(state, [0], 3)
     assert all(torch.equal(state[k], before[k]) for k in state)
-    assert up["encoder.layers.0.mlp.fc1_weight"].shape == (3, 4, 6)
+    assert up["encoder.layers.0.mlp.fc1_weight"].shape == (3, 6, 4)
     assert up["encoder.layers.0.mlp.fc2_weight"].shape == (3, 6, 4)
     for e in range(3):
-        assert torch.equal(up["encoder.layers.0.mlp.fc1_weight"][e], state["encoder.layers.0.mlp.fc1.weight"].t())
+        assert torch.equal(up["encoder.layers.0.mlp.fc1_weight"][e], state["encoder.layers.0.mlp.fc1.weight"])
+        assert torch.equal(up["encoder.layers.0.mlp.fc2_weight"][e], state["encoder.layers.0.mlp.fc2.weight"].t())
         assert torch.equal(up["encoder.layers.0.mlp.fc2_bias"][e], state["encoder.layers.0.mlp.fc2.bias"])
 
 

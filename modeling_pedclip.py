@@ -168,9 +168,9 @@ class ScaleExperts(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         scaled, scores = ctx.saved_tensors
         grad = expert_view(grad, scores)
-        weighted = (grad * expert_view(scaled, scores)).sum((1, 3))
+        weighted = (grad * expert_view(scaled, scores)).sum((1, 3), dtype=scores.dtype)
         grad_scores = torch.where(scores > 0, weighted / scores, torch.zeros_like(weighted))
-        return (grad * scores[:, None, :, None]).view(scaled.shape), grad_scores
+        return (grad * scores.to(grad.dtype)[:, None, :, None]).view(scaled.shape), grad_scores
 
 
 def expert_view(activations: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -475,22 +475,24 @@ class PedCLIPModel(PedCLIPPreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
-    def from_towers(cls, vision: str | Path, text: str | Path, **config_overrides) -> "PedCLIPModel":
+    def from_towers(cls, vision: str | Path | None, text: str | Path, **config_overrides) -> "PedCLIPModel":
         """Build PedCLIP from a pretrained ViT and a pretrained BERT; every expert starts as a copy of its layer's MLP.
 
-        `vision`: a transformers ViT folder (or Hub id), or a timm/DeiT-layout state-dict file (`.safetensors`,
-        `.pth`/`.pt`/`.bin`). `text`: a BERT folder (or Hub id). `config_overrides`: `PedCLIPConfig` fields, MoBE
-        fields of the vision config (`moe_layers`, `num_experts`, `router_mode`, `router_top_k`, `gate_input`), or
-        `vision_config=`/`text_config=` dicts. A fresh model's vision tower reproduces the source ViT exactly.
+        `vision`: a transformers ViT folder (or Hub id), a timm/DeiT-layout state-dict file (`.safetensors`,
+        `.pth`/`.pt`/`.bin`), or None for a randomly initialised tower shaped by `vision_config=`. `text`: a BERT
+        folder (or Hub id). `config_overrides`: `PedCLIPConfig` fields, MoBE fields of the vision config
+        (`moe_layers`, `num_experts`, `router_mode`, `router_top_k`, `gate_input`), or `vision_config=` /
+        `text_config=` dicts. A fresh model's vision tower reproduces the source ViT exactly.
         """
-        vision_kwargs, vision_state = read_vision_tower(vision)
+        vision_kwargs, vision_state = read_vision_tower(vision) if vision is not None else ({}, None)
         bert = BertModel.from_pretrained(text, add_pooling_layer=False)
         text_kwargs = {name: getattr(bert.config, name) for name in BERT_SHAPE_FIELDS}
         config = PedCLIPConfig(**split_overrides(config_overrides, vision_kwargs, text_kwargs))
         model = cls(config)
-        vision_state = upcycle_mlps(vision_state, config.vision_config.moe_layers, config.vision_config.num_experts)
-        gates = {f"encoder.layers.{i}.mlp.gate.weight" for i in config.vision_config.moe_layers}
-        load_exactly(model.vision_model, vision_state, str(vision), allowed_missing=gates)
+        if vision_state is not None:
+            moe_layers, experts = config.vision_config.moe_layers, config.vision_config.num_experts
+            gates = {f"encoder.layers.{i}.mlp.gate.weight" for i in moe_layers}
+            load_exactly(model.vision_model, upcycle_mlps(vision_state, moe_layers, experts), str(vision), gates)
         load_exactly(model.text_model, bert.state_dict(), str(text))
         return model
 

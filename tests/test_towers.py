@@ -120,3 +120,11 @@ def test_missing_tower_weights_are_named(tmp_path, bert_folder):
 def test_unknown_override_is_an_error(vit_folder, bert_folder):
     with pytest.raises(TypeError, match="moe_layerz"):
         PedCLIPModel.from_towers(vision=vit_folder, text=bert_folder, moe_layerz=[0])
+
+
+def test_random_vision_tower_with_pretrained_text(bert_folder):
+    model = PedCLIPModel.from_towers(vision=None, text=bert_folder, vision_config={"hidden_size": 48, "num_hidden_layers": 2,
+                                     "num_attention_heads": 2, "intermediate_size": 24, "image_size": 16, "patch_size": 8},
+                                     **MOE)  # fmt: skip
+    assert model.config.vision_config.hidden_size == 48 and model.config.vision_config.moe_layers == [0, 1]
+    assert_text_matches(model.eval(), BertModel.from_pretrained(bert_folder).eval(), vocab_size=99)

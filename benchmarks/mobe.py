@@ -12,9 +12,7 @@ Rows (targets from the model-package issue):
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,8 @@ from transformers import ViTConfig, ViTModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configuration_pedclip import PedCLIPVisionConfig  # noqa: E402
 from modeling_pedclip import PedCLIPVisionModel  # noqa: E402
+
+from timing import paired_ratio  # noqa: E402
 
 PRESETS = {
     "cpu-small": dict(hidden_size=192, num_attention_heads=3, num_hidden_layers=4, intermediate_size=768,
@@ -58,28 +58,6 @@ def step_fn(model, pixels, train: bool, **route):
                 model(pixels, **route)
 
     return run
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def paired_ratio(fn, peer, device, repeats: int) -> tuple[float, float, float]:
-    """Median seconds of `fn` and `peer`, and the median of per-pair ratios; the order alternates each pair."""
-    fn(), peer()  # warm-up
-    times, peer_times, ratios = [], [], []
-    for i in range(repeats):
-        first, second = (fn, peer) if i % 2 == 0 else (peer, fn)
-        t_first, t_second = timed(first, device), timed(second, device)
-        t_fn, t_peer = (t_first, t_second) if i % 2 == 0 else (t_second, t_first)
-        times.append(t_fn), peer_times.append(t_peer), ratios.append(t_fn / t_peer)
-    return statistics.median(times), statistics.median(peer_times), statistics.median(ratios)
 
 
 def skewed_labels(num_experts: int, batch: int) -> torch.Tensor:

@@ -186,3 +186,12 @@ def test_output_is_a_hub_ready_folder_and_offline_push_fails_clearly(one_process
     assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
         push_folder(one_process_run, "someone/pedclip-test")
+
+
+@pytest.mark.parametrize("name", ["ddp_2gpu", "fsdp_2gpu", "deepspeed_zero2_2gpu", "multinode_ddp"])
+def test_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.mixed_precision == "bf16" and config.num_processes == (8 if name == "multinode_ddp" else 2)
+    assert config.distributed_type.value == {"fsdp": "FSDP", "deepspeed": "DEEPSPEED"}.get(name.split("_")[0], "MULTI_GPU")

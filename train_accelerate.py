@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -299,7 +300,7 @@ class Trainer:
             logger.info("epoch %d validation: %s", epoch + 1, json.dumps(metrics))
         self.accelerator.wait_for_everyone()
 
-    def finish(self) -> None:
+    def finish(self, wall_seconds: float) -> None:
         """Save the Hub-ready folder (model + processor), evaluate on the test split, push if asked."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
@@ -309,8 +310,9 @@ class Trainer:
             self.processor.save_pretrained(output_dir)
             if "test" in self.data:
                 results = evaluate(model, self.processor, self.collator, self.data["test"], self.args.eval_batch_size)
+                results.update(split="test", num_images=len(self.data["test"]), train_wall_seconds=round(wall_seconds, 1))
                 (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-                logger.info("test: %s", json.dumps(results))
+                logger.info("test results (%s): %s", output_dir / "eval_results.json", json.dumps(results))
             if self.args.push_to_hub:
                 push_folder(output_dir, self.args.hub_model_id, private=not self.args.hub_public)
         self.accelerator.end_training()
@@ -319,13 +321,14 @@ class Trainer:
 def main(argv=None) -> None:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)
+    start = time.perf_counter()
     args = parse_args(argv)
     trainer = Trainer(args)
     trainer.accelerator.init_trackers("pedclip", config={k: str(v) for k, v in vars(args).items()})
     if args.resume_from_checkpoint:
         trainer.resume()
     trainer.train()
-    trainer.finish()
+    trainer.finish(wall_seconds=time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from setuptools import find_packages, setup
 
 EXTRAS = {
-    "train": ["accelerate>=1.0", "datasets>=3.0", "tensorboard"],
+    "train": ["accelerate>=1.0", "datasets>=3.0", "scikit-learn>=1.3", "tensorboard"],
     "eval": ["datasets>=3.0", "scikit-learn>=1.3", "matplotlib>=3.7", "evaluate>=0.4"],
     "dicom": ["pydicom>=3.0"],
     "curate": ["pydicom>=3.0", "datasets>=3.0"],
@@ -20,7 +20,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     py_modules=["configuration_pedclip", "modeling_pedclip", "processing_pedclip"],
-    packages=find_packages(include=["pedclip", "pedclip.*"]),
+    packages=find_packages(include=["pedclip", "pedclip.*", "pexr", "pexr.*"]),
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",

@@ -1,0 +1,1 @@
+"""PeXR data tools: the PeXR-mini synthetic set (and, later, DICOM reading and report splitting)."""

@@ -29,7 +29,7 @@ from modeling_pedclip import PedCLIPModel, gate_loss
 from pedclip.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from pedclip.data import PedCLIPCollator, load_training_dataset, make_dataloader
 from pedclip.distributed import global_contrastive_loss
-from pedclip.evaluation import embed_split, retrieval_recall, routing_accuracy, zero_shot_auc
+from pedclip.evaluation import embed_split, finding_eligibility, retrieval_recall, routing_accuracy, zero_shot_auc
 from pedclip.hub import push_folder
 from pedclip.schedule import RoutingSchedule, parameter_groups
 from processing_pedclip import PedCLIPImageProcessor, PedCLIPProcessor
@@ -39,13 +39,16 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp of the learnable temperature
 
 PAPER_DEFAULTS = dict(
     num_train_epochs=50, teacher_forcing_epochs=10, learning_rate=1e-5, per_device_train_batch_size=128,
-    warmup_steps=500, output_dir="outputs/pedclip", checkpointing_steps=1000, vision_config=None,
+    warmup_steps=500, output_dir="outputs/pedclip", checkpointing_steps=1000, freeze_text_layers=0,
 )  # fmt: skip
+# The CPU demo: a small vision tower from scratch at 128 px, MiniLM-L6 text with its lower layers frozen.
 DEMO_PRESET = dict(
-    num_train_epochs=12, teacher_forcing_epochs=3, learning_rate=5e-4, text_learning_rate=5e-5,
-    per_device_train_batch_size=32, warmup_steps=20, output_dir="outputs/pedclip-demo", checkpointing_steps=200,
-    moe_layers=[3], vision_config=dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
-                                       intermediate_size=384, image_size=64, patch_size=8),
+    pexr_mini_patients=600, num_train_epochs=10, teacher_forcing_epochs=3, learning_rate=5e-4,
+    text_learning_rate=5e-5, per_device_train_batch_size=32, warmup_steps=20, output_dir="outputs/pedclip-demo",
+    checkpointing_steps=200, moe_layers=[3], freeze_text_layers=4,
+    vision_config=dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=384,
+                       image_size=128, patch_size=16),
+    text_config=dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
 )  # fmt: skip
 
 
@@ -53,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--dataset_name", help="save_to_disk/parquet/arrow/imagefolder folder or Hub id; default PeXR-mini")
-    data.add_argument("--pexr_mini_patients", type=int, default=300, help="size of the generated PeXR-mini set")
+    data.add_argument("--pexr_mini_patients", type=int, help="size of the generated PeXR-mini set")
     data.add_argument("--pad_to_max_length", action="store_true", help="pad reports to max_length (default: longest)")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
     model = p.add_argument_group("model")
@@ -63,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--tokenizer", help="tokenizer folder/Hub id (default: the text model's)")
     model.add_argument("--moe_layers", type=int, nargs="+", help="vision layers holding MoBE (default: the last)")
     model.add_argument("--vision_config", type=json.loads, help="JSON of vision config fields for a random tower")
+    model.add_argument("--text_config", type=json.loads, help="JSON of text config fields to override (e.g. dropout)")
+    model.add_argument("--freeze_text_layers", type=int, help="freeze the text embeddings and this many lower layers")
     model.add_argument("--gradient_checkpointing", action="store_true")
     sched = p.add_argument_group("schedule")
     sched.add_argument("--num_train_epochs", type=int)
@@ -118,12 +123,15 @@ def build_model(args) -> tuple[PedCLIPModel, PedCLIPProcessor]:
     """The model (from a config JSON or from towers) and its processor (tokenizer + X-ray image processor)."""
     overrides = {"moe_layers": args.moe_layers} if args.moe_layers else {}
     if args.model_config:
-        config = PedCLIPConfig.from_json_file(args.model_config)
-        config.vision_config.moe_layers = args.moe_layers or config.vision_config.moe_layers
-        model = PedCLIPModel(config)
+        config = json.loads(Path(args.model_config).read_text())
+        config["vision_config"] = {**config.get("vision_config", {}), **overrides}
+        model = PedCLIPModel(PedCLIPConfig.from_dict(config))
     else:
         vision_config = args.vision_config if args.vision_model is None else None
-        model = PedCLIPModel.from_towers(args.vision_model, args.text_model, vision_config=vision_config or {}, **overrides)
+        model = PedCLIPModel.from_towers(
+            args.vision_model, args.text_model, vision_config=vision_config or {}, text_config=args.text_config or {},
+            **overrides,
+        )  # fmt: skip
     tokenizer_source = args.tokenizer or args.text_model
     if tokenizer_source is None:
         raise SystemExit("--model_config needs --tokenizer")
@@ -132,6 +140,9 @@ def build_model(args) -> tuple[PedCLIPModel, PedCLIPProcessor]:
         PedCLIPImageProcessor(size=config.vision_config.image_size), AutoTokenizer.from_pretrained(tokenizer_source),
         max_length=config.text_config.max_length, body_parts=config.body_parts,
     )  # fmt: skip
+    if args.freeze_text_layers:
+        for module in (model.text_model.embeddings, *model.text_model.encoder.layer[: args.freeze_text_layers]):
+            module.requires_grad_(False)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     return model, processor
@@ -182,11 +193,9 @@ def evaluate(model, processor, collator, rows, batch_size: int) -> dict:
     results = retrieval_recall(embedded["image_embeds"], embedded["text_embeds"])
     results["routing_accuracy"] = routing_accuracy(embedded["gate_logits"], embedded["body_part_labels"])
     if "findings" in rows.column_names:
-        findings, parts = rows["findings"], rows["body_part"]
-        eligible = {f: [p in {q for q, fs in zip(parts, findings) if f in fs} for p in parts]
-                    for f in sorted({f for fs in findings for f in fs})}  # fmt: skip
-        with torch.no_grad():
-            results.update(zero_shot_auc(model, processor, embedded["image_embeds"], findings, eligible))
+        findings = rows["findings"]
+        eligible = finding_eligibility(findings, rows["body_part"])
+        results.update(zero_shot_auc(model, processor, embedded["image_embeds"], findings, eligible))
     model.train()
     return results
 
@@ -218,7 +227,9 @@ class Trainer:
         self.model, self.processor = build_model(args)
         self.collator = PedCLIPCollator(self.processor, args.pad_to_max_length)
         global_batch = args.per_device_train_batch_size * self.accelerator.num_processes
-        loader = make_dataloader(self.data["train"], self.collator, global_batch, args.seed, True, args.dataloader_num_workers)
+        loader = make_dataloader(
+            self.data["train"], self.collator, global_batch, args.seed, True, args.dataloader_num_workers
+        )
         self.steps_per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
         self.total_steps = args.max_steps or self.steps_per_epoch * args.num_train_epochs
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)

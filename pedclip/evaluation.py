@@ -1,5 +1,7 @@
 """Evaluation of a PedCLIP model on a split: embeddings, retrieval recall, gate (routing) accuracy, zero-shot AUC."""
 
+from collections import defaultdict
+
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
@@ -50,3 +52,12 @@ def zero_shot_auc(model, processor, image_embeds: torch.Tensor, findings: list[l
         logits = image_embeds[torch.as_tensor(mask)] @ text_embeds.t()
         aucs[finding] = float(roc_auc_score(labels, logits.softmax(-1)[:, 0].numpy()))
     return {"zero_shot_auc": float(np.mean(list(aucs.values()))), "zero_shot_auc_per_finding": aucs}
+
+
+def finding_eligibility(findings: list[list[str]], body_parts: list[str]) -> dict[str, list[bool]]:
+    """For each finding, which rows can show it: the rows of the body parts where it occurs at all."""
+    parts_with = defaultdict(set)
+    for part, row_findings in zip(body_parts, findings):
+        for finding in row_findings:
+            parts_with[finding].add(part)
+    return {finding: [part in parts for part in body_parts] for finding, parts in sorted(parts_with.items())}

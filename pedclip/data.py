@@ -17,11 +17,11 @@ def load_training_dataset(source: str | None, pexr_mini_patients: int = 300, see
 
         return generate_pexr_mini(num_patients=pexr_mini_patients, seed=seed)
     path = Path(source)
+    files = data_files(path) if path.is_dir() else None
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         data = load_from_disk(str(path))
-    elif path.is_dir() and data_files(path):
-        builder, files = data_files(path)
-        data = load_dataset(builder, data_files=files)
+    elif files:
+        data = load_dataset(files[0], data_files=files[1])
     elif path.is_dir():
         data = load_dataset("imagefolder", data_dir=str(path))
     else:

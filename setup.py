@@ -1,5 +1,7 @@
 """PedCLIP: vision-language model for pediatric X-rays with a Mixture of Body-part Experts."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 EXTRAS = {
@@ -16,7 +18,7 @@ setup(
     name="pedclip",
     version="0.1.0",
     description=__doc__,
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     py_modules=["configuration_pedclip", "modeling_pedclip", "processing_pedclip"],

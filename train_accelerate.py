@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import extract_model_from_parallel as unwrap
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
@@ -174,10 +175,6 @@ def training_loss(model, batch: dict, router_mode: str, gate_weight: float) -> t
         **expert_usage(gate_logits, unwrap(model).config.body_parts),
     }  # fmt: skip
     return contrastive + gate_weight * gate, metrics
-
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 def expert_usage(gate_logits: torch.Tensor, body_parts: list[str]) -> dict:

@@ -7,10 +7,11 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "train": ["accelerate>=1.0", "datasets>=3.0", "scikit-learn>=1.3", "tensorboard"],
     "eval": ["datasets>=3.0", "scikit-learn>=1.3", "matplotlib>=3.7", "evaluate>=0.4"],
-    "dicom": ["pydicom>=3.0"],
-    "curate": ["pydicom>=3.0", "datasets>=3.0"],
+    # pylibjpeg-libjpeg (GPL-3.0) decodes JPEG Lossless and JPEG-LS, common in CR/DX archives; Pillow does JPEG 2000
+    "dicom": ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1"],
+    "curate": ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "datasets>=3.0", "matplotlib>=3.7"],
     "lora": ["peft>=0.13"],
-    "test": ["pytest>=8", "pydicom>=3.0", "pydicom-data", "accelerate>=1.0", "datasets>=3.0"],
+    "test": ["pytest>=8", "pydicom>=3.0", "pydicom-data", "accelerate>=1.0", "datasets>=3.0", "matplotlib>=3.7"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 
@@ -32,4 +33,5 @@ setup(
         "pillow>=10",
     ],
     extras_require=EXTRAS,
+    entry_points={"console_scripts": ["pexr = pexr.cli:main"]},
 )

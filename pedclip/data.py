@@ -1,5 +1,6 @@
 """Training data: load a `datasets` dataset of (image, text, body_part) rows and batch it through the processor."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -7,16 +8,19 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 REQUIRED_COLUMNS = ("image", "text", "body_part")
 DATA_FILE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
+PEXR_STATE_FILE = "build_state.json"  # pexr.build.STATE_FILE: its "complete" turns true when every shard is written
 
 
 def load_training_dataset(source: str | None, pexr_mini_patients: int = 300, seed: int = 0) -> DatasetDict:
     """A `DatasetDict` with at least a "train" split, from: None (the embedded PeXR-mini set); a `save_to_disk`
-    folder; a folder of parquet/arrow files; an imagefolder (images + metadata.csv/jsonl); or a Hub id."""
+    folder; a folder of parquet/arrow files (e.g. a `pexr build` output folder or its `data/`, refused while that
+    build is unfinished); an imagefolder (images + metadata.csv/jsonl); or a Hub id."""
     if source is None:
         from pexr.synthetic import generate_pexr_mini
 
         return generate_pexr_mini(num_patients=pexr_mini_patients, seed=seed)
     path = Path(source)
+    check_pexr_build(path)
     files = data_files(path) if path.is_dir() else None
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         data = load_from_disk(str(path))
@@ -40,6 +44,18 @@ def data_files(folder: Path) -> tuple[str, dict] | None:
             splits = {s: f for s, f in splits.items() if f} or {"train": files}
             return builder, splits
     return None
+
+
+def check_pexr_build(path: Path) -> None:
+    """Raise `ValueError` if `path` (or its parent, for a `data/` folder) holds an unfinished `pexr build`: its
+    `build_state.json` not marked complete (interrupted, or stopped by --max_shards), so `data/` lacks shards."""
+    for folder in (path, path.parent) if path.name == "data" else (path,):
+        state_file = folder / PEXR_STATE_FILE
+        if state_file.is_file() and not json.loads(state_file.read_text(encoding="utf-8")).get("complete"):
+            raise ValueError(
+                f"{folder}: the `pexr build` into this folder was interrupted before every shard was written, so its "
+                "data is incomplete; rerun the same `pexr build` command (same inputs, options and salt) to finish it"
+            )
 
 
 def check_columns(data: DatasetDict, source: str) -> None:

@@ -1,5 +1,7 @@
 """pedclip.data: every supported dataset layout loads with the required columns; bad layouts are named."""
 
+import json
+
 import numpy as np
 import pytest
 from datasets import Dataset
@@ -36,6 +38,21 @@ def test_parquet_files_by_split(tmp_path):
         rows.cast_column("image", ImageFeature()).to_parquet(str(tmp_path / f"{split}-00000.parquet"))
     data = load_training_dataset(str(tmp_path))
     assert set(data) == {"train", "validation"} and data["validation"][3]["text"] == "d"
+
+
+def test_unfinished_pexr_build_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = Dataset.from_dict({"image": [Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8))] * 2,
+                              "text": ["a", "b"], "body_part": ["hand"] * 2})  # fmt: skip
+    (tmp_path / "data").mkdir()
+    rows.cast_column("image", ImageFeature()).to_parquet(str(tmp_path / "data" / "train-00000-of-00002.parquet"))
+    state = tmp_path / "build_state.json"
+    state.write_text(json.dumps({"salt": "s", "complete": False}))
+    for folder in (tmp_path, tmp_path / "data"):
+        with pytest.raises(ValueError, match="interrupted.*rerun the same `pexr build`"):
+            load_training_dataset(str(folder))
+    state.write_text(json.dumps({"salt": "s", "complete": True}))
+    assert len(load_training_dataset(str(tmp_path / "data"))["train"]) == 2
 
 
 def test_missing_columns_are_named(tmp_path):

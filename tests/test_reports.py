@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 import threading
+import time
 
 import pytest
 
@@ -385,6 +386,7 @@ def chat_server():
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state["requests"].append((self.path, dict(self.headers), body))
+            time.sleep(state.get("delay", 0.0))
             content = state["answers"].pop(0)
             data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
             self.send_response(200)
@@ -419,6 +421,17 @@ def test_openai_backend_against_local_server(chat_server, monkeypatch):
     state["answers"] = ["cleaned", json.dumps({"hand": HAND, "wrist": WRIST, "knee": ""})]
     assert backend.split(REPORT, ["hand", "wrist", "knee"]).backend_used == "openai"
     assert "Authorization" not in state["requests"][-1][1]
+
+
+def test_timeouts_retry_then_fall_back(chat_server):
+    chat = FakeChat(TimeoutError("timed out"))  # the injected interface: a stand-in generator that times out
+    result = llm_split(REPORT, ["wrist", "hand"], chat, model_id="m", retries=1)
+    assert (result.backend_used, result.attempts, result.error) == ("rules", 2, "TimeoutError: timed out")
+    base_url, state = chat_server  # a real server slower than the client's timeout
+    state["delay"], state["answers"] = 1.0, ["cleaned", VALID] * 2
+    result = OpenAIBackend(base_url, "m", retries=1, timeout=0.2).split(REPORT, ["wrist", "hand"])
+    assert result.backend_used == "rules" and result.attempts == 2 and "timed out" in result.error
+    assert result.texts == {"wrist": WRIST, "hand": HAND}
 
 
 def test_openai_backend_unreachable_server_falls_back():

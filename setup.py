@@ -23,7 +23,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     py_modules=["configuration_pedclip", "modeling_pedclip", "processing_pedclip"],
-    packages=find_packages(include=["pedclip", "pedclip.*", "pexr", "pexr.*"]),
+    packages=find_packages(include=["pedclip", "pedclip.*", "pexr", "pexr.*", "eval", "eval.*"]),
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",

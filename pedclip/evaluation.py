@@ -37,20 +37,48 @@ def routing_accuracy(gate_logits: torch.Tensor, body_part_labels: torch.Tensor) 
     return (gate_logits.argmax(-1) == body_part_labels).float().mean().item()
 
 
+def _float_tensor(x) -> torch.Tensor:
+    return x.detach().float().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, np.float32))
+
+
+def positive_negative_probabilities(image_embeds, positive_embeds, negative_embeds) -> np.ndarray:
+    """`[N, L]` CheXzero zero-shot score: for each image and label l, the softmax over the cosine logits
+    (image·positive_l, image·negative_l), taken at the positive prompt. Inputs `[N, D]`, `[L, D]`, `[L, D]`
+    (normalised; tensors or arrays). The one implementation shared by `zero_shot_auc` and `eval`'s zero_shot."""
+    image, positive, negative = (_float_tensor(x) for x in (image_embeds, positive_embeds, negative_embeds))
+    logits = torch.stack([image @ positive.t(), image @ negative.t()], dim=-1)
+    return logits.softmax(-1)[..., 0].numpy()
+
+
+def masked_label_aucs(labels, scores, masks, names: list[str]) -> dict[str, float]:
+    """AUC of each label column of `[N, L]` `labels`/`scores` over the rows where `masks[:, l]`; a label whose
+    masked rows hold only positives or only negatives is left out (AUC needs both)."""
+    labels, scores, masks = np.asarray(labels, bool), np.asarray(scores), np.asarray(masks, bool)
+    aucs = {}
+    for column, name in enumerate(names):
+        y = labels[masks[:, column], column]
+        if y.size and y.min() != y.max():
+            aucs[name] = float(roc_auc_score(y, scores[masks[:, column], column]))
+    return aucs
+
+
 @torch.no_grad()
 def zero_shot_auc(model, processor, image_embeds: torch.Tensor, findings: list[list[str]], eligible: dict) -> dict:
     """AUC of each finding from prompts built from its name: score = softmax over ("{finding}", "no {finding}").
     `eligible[finding]` is a boolean mask of the rows whose body part can show it; returns per-finding AUCs and
     their mean."""
-    aucs = {}
-    for finding, mask in eligible.items():
-        labels = np.array([finding in row for row, keep in zip(findings, mask) if keep])
-        if labels.min() == labels.max():
-            continue  # AUC needs positives and negatives
+    names = list(eligible)
+    pairs = []
+    for finding in names:
         text = processor(text=[finding, f"no {finding}"], padding=True, return_tensors="pt")
-        text_embeds = torch.nn.functional.normalize(model.get_text_features(**text).pooler_output, dim=-1)
-        logits = image_embeds[torch.as_tensor(mask)] @ text_embeds.t()
-        aucs[finding] = float(roc_auc_score(labels, logits.softmax(-1)[:, 0].numpy()))
+        pairs.append(torch.nn.functional.normalize(model.get_text_features(**text).pooler_output, dim=-1))
+    if not pairs:
+        return {"zero_shot_auc": float("nan"), "zero_shot_auc_per_finding": {}}
+    pairs = torch.stack(pairs)  # [L, 2, D]
+    scores = positive_negative_probabilities(image_embeds, pairs[:, 0], pairs[:, 1])
+    labels = [[finding in row for finding in names] for row in findings]
+    masks = np.stack([np.asarray(eligible[finding], bool) for finding in names], axis=1)
+    aucs = masked_label_aucs(labels, scores, masks, names)
     return {"zero_shot_auc": float(np.mean(list(aucs.values()))), "zero_shot_auc_per_finding": aucs}
 
 

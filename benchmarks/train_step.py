@@ -8,7 +8,6 @@ A step is forward, loss (contrastive + gate loss for PedCLIP), backward and an A
 on a GPU it also prints PedCLIP's bf16 images/s.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configuration_pedclip import PedCLIPConfig  # noqa: E402
 from modeling_pedclip import PedCLIPModel  # noqa: E402
 
-from timing import paired_ratio  # noqa: E402
+from timing import benchmark_parser, device_and_dtype, paired_ratio  # noqa: E402
 
 PRESETS = {
     "demo": dict(vision=dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=384,
@@ -63,16 +62,9 @@ def make_inputs(preset: dict, config: PedCLIPConfig, device, dtype) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="demo")
-    parser.add_argument("--batch_size", type=int)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = benchmark_parser(__doc__, PRESETS, repeats=5)
     args = parser.parse_args()
-
-    torch.manual_seed(0)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = device_and_dtype(args)
     preset = dict(PRESETS[args.preset], **({"batch_size": args.batch_size} if args.batch_size else {}))
     pedclip, plain = build(preset, device, dtype)
     inputs = make_inputs(preset, pedclip.config, device, dtype)

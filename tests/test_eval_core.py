@@ -290,3 +290,17 @@ def test_command_line_runs_a_task_on_a_saved_dataset(pedclip_folder, encoded_sin
     assert record["model"] == "tiny-pedclip" and record["task"] == "retrieval" and record["split"] == "test"
     assert {"image_to_text/R@1", "text_to_image/R@2_ci_high", "mean_recall"} <= record["metrics"].keys()
     assert (tmp_path / "out" / "results.json").is_file() and list((tmp_path / "cache").glob("*.npy"))
+
+
+def test_to_rgb_keeps_16_bit_contrast():
+    """CLIP-like processors need 8-bit RGB; PIL's own conversion would clip a 16-bit X-ray to white."""
+    from PIL import Image
+
+    from eval.adapters import to_rgb
+
+    ramp = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)  # 12-bit data in a 16-bit PNG
+    rgb = np.asarray(to_rgb(Image.fromarray(ramp)))
+    assert rgb.shape == (64, 64, 3) and rgb.min() == 0 and rgb.max() == 255
+    assert np.corrcoef(rgb[..., 0].ravel(), ramp.ravel())[0, 1] > 0.999
+    gray = Image.fromarray((ramp // 16).astype(np.uint8))
+    assert np.array_equal(np.asarray(to_rgb(gray)), np.asarray(gray.convert("RGB")))

@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--router_mode", help="PedCLIP routing at evaluation (default: the config's)")
     parser.add_argument("--revision", help="Hub revision of --model")
     parser.add_argument("--trust_remote_code", action="store_true")
+    parser.add_argument("--update_model_card", nargs="?", const="model_card.md", metavar="CARD",
+                        help="write the results into this model card's model-index (default model_card.md)")
     return parser
 
 
@@ -225,7 +227,17 @@ def run_single(args) -> int:
     print(json.dumps({k: v for k, v in record.items() if k != "scores"}, indent=2, default=float))
     if args.out:
         write_records([record], args.out)
+    update_card(args.update_model_card, [record])
     return 1 if "error" in record else 0
+
+
+def update_card(card_path: str | None, records: list[dict]) -> None:
+    """With --update_model_card: the successful records' metrics into the card's model-index."""
+    good = [record for record in records if "error" not in record]
+    if card_path and good:
+        from eval.report import update_model_card
+
+        update_model_card(card_path, good)
 
 
 def main(argv=None) -> int:
@@ -243,6 +255,7 @@ def main(argv=None) -> int:
         if args.cache_dir:
             config["cache_dir"] = args.cache_dir
         records = run_suite(config, args.out)
+        update_card(args.update_model_card, records)
         return 1 if any("error" in r for r in records) else 0
     if args.task not in load_tasks():
         raise SystemExit(f"unknown task {args.task!r}; tasks: {', '.join(sorted(load_tasks()))}")

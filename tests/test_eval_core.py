@@ -283,6 +283,7 @@ def test_command_line_runs_a_task_on_a_saved_dataset(pedclip_folder, encoded_sin
     command = [
         sys.executable, "-m", "eval", "retrieval", "--model", str(pedclip_folder), "--data", str(tmp_path / "data"),
         "--option", "ks=[1,2]", "--option", "n_resamples=50", "--out", str(tmp_path / "out"),
+        "--update_model_card", str(tmp_path / "card.md"),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -290,6 +291,11 @@ def test_command_line_runs_a_task_on_a_saved_dataset(pedclip_folder, encoded_sin
     assert record["model"] == "tiny-pedclip" and record["task"] == "retrieval" and record["split"] == "test"
     assert {"image_to_text/R@1", "text_to_image/R@2_ci_high", "mean_recall"} <= record["metrics"].keys()
     assert (tmp_path / "out" / "results.json").is_file() and list((tmp_path / "cache").glob("*.npy"))
+    from huggingface_hub import ModelCard
+
+    results = ModelCard.load(tmp_path / "card.md").data.eval_results  # the card's model-index holds the run
+    written = {r.metric_value for r in results if r.dataset_type == "data" and r.task_type}
+    assert {record["metrics"]["image_to_text/R@1"], record["metrics"]["mean_recall"]} <= written
 
 
 def test_to_rgb_keeps_16_bit_contrast():

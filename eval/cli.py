@@ -1,8 +1,8 @@
 """`python -m eval`: run one evaluation task, or a suite of them.
 
     python -m eval TASK --model M --data NAME_OR_PATH [--split test] [--root DIR] [--option k=v ...]
-                   [--data_option k=v ...] [--out DIR]
-    python -m eval suite CONFIG.json|CONFIG.yaml [--out DIR]
+                   [--data_option k=v ...] [--out DIR] [--update_model_card [CARD]]
+    python -m eval suite CONFIG.json|CONFIG.yaml [--out DIR] [--update_model_card [CARD]]
     python -m eval list
 
 `--data` is a data-set name (`eval.data.SETS`: pedi_cxr, pexr_mini, ...) or a path: a `save_to_disk` folder, or a
@@ -19,7 +19,7 @@ folder/CSV read by the "generic" adapter. Option values are JSON when they parse
 and runs every model x data set x task (a task's `datasets` / `models` lists restrict it; its `name`, default the
 task, tells apart several runs of one task). Each run gives a record {"model", "dataset", "split", "task",
 "options", "metrics"} (plus "error" when it failed); the records go to `eval.report.write_results` (results.json,
-results.md) when `eval.report` is there, else to results.json.
+results.md, ROC and routing plots) and, with `--update_model_card`, into a model card's model-index.
 """
 
 from __future__ import annotations

@@ -16,13 +16,13 @@ CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
 
 
 def roc_auc(y_true, scores) -> float:
-    """Binary ROC AUC by scikit-learn, NaN when `y_true` holds a single class. `roc_curve` + `auc` is what
-    `roc_auc_score` computes for binary labels (the same number), minus its input checks: twice as fast, which
-    matters inside a bootstrap."""
-    y_true = np.asarray(y_true).astype(bool)
-    if y_true.size == 0 or y_true.all() or not y_true.any():
+    """Binary ROC AUC by scikit-learn, NaN when `y_true` holds a single class or a score is NaN (e.g. a probe that
+    could not be trained for this label). `roc_curve` + `auc` is what `roc_auc_score` computes for binary labels
+    (the same number), minus its input checks: twice as fast, which matters inside a bootstrap."""
+    y_true, scores = np.asarray(y_true).astype(bool), np.asarray(scores, dtype=np.float64)
+    if y_true.size == 0 or y_true.all() or not y_true.any() or np.isnan(scores).any():
         return float("nan")
-    fpr, tpr, _ = roc_curve(y_true, np.asarray(scores, dtype=np.float64))
+    fpr, tpr, _ = roc_curve(y_true, scores)
     return float(auc(fpr, tpr))
 
 

@@ -28,6 +28,7 @@ def test_roc_auc_is_sklearns_and_nan_for_one_class():
     y, s = rng.random(50) < 0.3, rng.normal(size=50)
     assert metrics.roc_auc(y, s) == roc_auc_score(y, s)
     assert np.isnan(metrics.roc_auc(np.ones(5), np.arange(5)))
+    assert np.isnan(metrics.roc_auc(y, np.where(np.arange(50) == 3, np.nan, s)))  # an untrainable probe's label
     mask = np.ones((50, 2), bool)
     mask[:25, 1] = False
     y2, s2 = np.stack([y, ~y], 1), np.stack([s, -s], 1)

@@ -26,9 +26,17 @@ from threadpoolctl import threadpool_limits
 
 from pexr.synthetic import FINDINGS_BY_BODY_PART, RENDERED_BODY_PARTS, generate_pexr_mini
 
-# Tiny models on shared CPU cores: one thread each for torch and BLAS (several threads contend, up to 50x slower).
-torch.set_num_threads(1)
-threadpool_limits(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on shared CPU cores: one thread each for torch and BLAS while a module that imports this fixture
+    runs (several threads contend, up to 50x slower); the previous settings come back after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
 
 # ------------------------------------------------------------------------------------------------ model folders
 

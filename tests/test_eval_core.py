@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from eval_testing import (  # noqa: F401 -- fixtures
-    PEXR_LABEL_NAMES, PixelAdapter, QUADRANTS, clip_folder, encoded_single, pedclip_folder, tiny_clip_tokenizer,
+    PEXR_LABEL_NAMES, PixelAdapter, QUADRANTS, clip_folder, encoded_single, one_thread, pedclip_folder,
+    tiny_clip_tokenizer,
 )  # fmt: skip
 from PIL import Image
 from sklearn.metrics import roc_auc_score

@@ -11,7 +11,7 @@ import torch
 from datasets import DatasetDict
 from eval_testing import (  # noqa: F401 -- fixtures
     PEXR_LABEL_NAMES, PixelAdapter, QUADRANTS, clip_folder, encoded_multi, encoded_single, encoded_splits,
-    pedclip_folder, pexr_mini_splits,
+    one_thread, pedclip_folder, pexr_mini_splits,
 )  # fmt: skip
 from sklearn.metrics import roc_auc_score
 

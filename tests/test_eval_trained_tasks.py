@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset, DatasetDict, Features, Image, Value
-from eval_testing import QUADRANTS, clip_folder, encoded_splits, eval_cache_dir, pedclip_folder  # noqa: F401 (fixtures)
+from eval_testing import (  # noqa: F401 (fixtures)
+    QUADRANTS, clip_folder, encoded_splits, eval_cache_dir, one_thread, pedclip_folder,
+)
 from PIL import Image as PILImage
 
 from eval.adapters import load_adapter
@@ -18,15 +20,6 @@ from eval.tasks.segmentation import class_count, segmentation_loss
 from eval.training import BatchSource, fit, private_adapter, subsample
 
 FAST = {"n_resamples": 30}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads on a loaded machine wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

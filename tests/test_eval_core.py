@@ -16,7 +16,8 @@ from eval_testing import (  # noqa: F401 -- fixtures
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from eval import adapters, cache, cli, metrics, prompts, registry
+from eval import adapters, cache, cli, metrics, registry
+from pedclip import prompts
 from eval.tasks.common import label_matrix, resolve_label_names, train_validation_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

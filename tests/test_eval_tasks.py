@@ -15,7 +15,8 @@ from eval_testing import (  # noqa: F401 -- fixtures
 )  # fmt: skip
 from sklearn.metrics import roc_auc_score
 
-from eval import cli, prompts
+from eval import cli
+from pedclip import prompts
 from eval.adapters import load_adapter
 from eval.metrics import CI_HIGH, CI_LOW
 from eval.registry import run_task

@@ -6,7 +6,7 @@ Scores (`score` option):
 - "pos_neg": CheXzero's softmax over ("{label}" prompts, "no {label}" prompts) per label (multi-label sets);
 - "cosine": the raw cosine with each label's prompts;
 - "auto" (default): "pos_neg" when `negative_templates` are given or the set is multi-label, else "softmax".
-Templates are ensembled (mean of normalised embeddings, `eval.prompts.label_embeddings`). With
+Templates are ensembled (mean of normalised embeddings, `pedclip.prompts.label_embeddings`). With
 `body_part_prompts=True` each image is scored with prompts naming its body part (`{body_part}` templates).
 `eligibility="body_part"` evaluates each label only on rows of body parts where it occurs in the split
 (`pedclip.evaluation.finding_eligibility`); a dict {label: [parts]} names them.
@@ -21,7 +21,7 @@ import numpy as np
 
 from eval.cache import cached_embeddings
 from eval.metrics import bootstrap_options, label_aucs, with_ci
-from eval.prompts import (
+from pedclip.prompts import (
     BODY_PART_NEGATIVE_TEMPLATES, BODY_PART_TEMPLATES, DEFAULT_NEGATIVE_TEMPLATES, DEFAULT_TEMPLATES,
     label_embeddings, label_text, positive_negative_scores, softmax_scores,
 )  # fmt: skip

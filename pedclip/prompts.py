@@ -1,6 +1,6 @@
 """Zero-shot prompts: templates, template ensembles and the CheXzero positive-vs-negative softmax.
 
-Free of eval-only dependencies (numpy and an adapter with `embed_texts`), so the `pedclip predict` CLI can share it.
+One implementation for `eval`'s zero-shot task and the `pedclip predict` CLI: numpy and any object with `embed_texts`.
 A template is a `str.format` pattern with `{label}` and optionally `{body_part}`.
 """
 

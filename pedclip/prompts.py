@@ -63,9 +63,19 @@ def label_embeddings(
     templates = list(templates)
     if not templates:
         raise ValueError("need at least one template")
-    prompts = [prompt for label in labels for prompt in format_prompts(label, templates, body_part)]
-    embeds = _normalise(np.asarray(adapter.embed_texts(prompts), dtype=np.float32))
-    means = embeds.reshape(len(labels), len(templates), -1).mean(1)
+    return prompt_ensembles(adapter, [format_prompts(label, templates, body_part) for label in labels])
+
+
+def prompt_ensembles(adapter, prompt_lists: Sequence[Sequence[str]]) -> np.ndarray:
+    """`[L, D]`: for each list of prompts (lists may differ in length), the mean of its prompts' normalised
+    embeddings, renormalised. One `embed_texts` call for every prompt."""
+    sizes = [len(prompts) for prompts in prompt_lists]
+    if not sizes:
+        raise ValueError("no labels to embed prompts for")
+    if min(sizes) == 0:
+        raise ValueError("need at least one prompt per label")
+    embeds = _normalise(np.asarray(adapter.embed_texts([p for prompts in prompt_lists for p in prompts]), np.float32))
+    means = np.stack([chunk.mean(0) for chunk in np.split(embeds, np.cumsum(sizes)[:-1])])
     return _normalise(means).astype(np.float32)
 
 

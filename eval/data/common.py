@@ -5,15 +5,15 @@ Errors: a missing file or folder raises `FileNotFoundError`, a malformed one (mi
 annotation line) `ValueError`; both messages start with the set's name and say what was expected where.
 
 Images. PNG/JPEG files are stored by path (decoded lazily by the `datasets.Image` feature). DICOM files are read
-with `pexr.dicom.read_dicom` (modality LUT, VOI window, MONOCHROME1 inverted: bone bright, [0, 1] float32), shrunk
-so that the longer side is at most `max_side` pixels (default 512, `None` keeps the full size) and stored as PNG
-bytes, 8-bit grayscale (PIL mode "L", `dicom_mode="L"`, the default) or 16-bit (`dicom_mode="I;16"`). The PedCLIP
-image processor reads both at full precision; 8 bits is the default because other models' preprocessing (and the
-transformers zero-shot pipeline) call `image.convert("RGB")`, which clips 16-bit values at 255 (a white image).
-The conversion runs once: the generator's arguments (file paths with their sizes and modification times, and the
-options) key the `datasets` cache, so a second `load` reads the cached Arrow files, and a changed file invalidates
-them. DICOM files are recognised by a .dcm/.dicom suffix, or, for any other name that is not an image suffix
-(e.g. UID file names), by the "DICM" magic at byte 128.
+with `pedclip.images.dicom_image` (`pexr.dicom.read_dicom`: modality LUT, VOI window, MONOCHROME1 inverted: bone
+bright), shrunk so that the longer side is at most `max_side` pixels (default 512, `None` keeps the full size) and
+stored as PNG bytes, 8-bit grayscale (PIL mode "L", `dicom_mode="L"`, the default) or 16-bit (`dicom_mode="I;16"`).
+The PedCLIP image processor reads both at full precision; 8 bits is the default because other models' preprocessing
+(and the transformers zero-shot pipeline) call `image.convert("RGB")`, which clips 16-bit values at 255 (a white
+image). The conversion runs once: the generator's arguments (file paths with their sizes and modification times,
+and the options) key the `datasets` cache, so a second `load` reads the cached Arrow files, and a changed file
+invalidates them. DICOM files are recognised as `pedclip.images.is_dicom` does: a .dcm/.dicom suffix, or, for any
+other name that is not an image suffix (e.g. UID file names), the "DICM" magic at byte 128.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pedclip.images import dicom_image, is_dicom, is_image_file
+
 SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
-DICOM_SUFFIXES = (".dcm", ".dicom")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 # ------------------------------------------------------------------------------------------------ layout checks
@@ -113,16 +113,6 @@ def index_files(folders: Iterable[Path], suffixes: Sequence[str]) -> dict[str, P
     return found
 
 
-def is_dicom(path: Path) -> bool:
-    """A DICOM file by its .dcm/.dicom suffix, or, unless it has an image suffix, by the "DICM" magic at byte 128."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return False
-    with open(path, "rb") as handle:
-        return handle.read(132)[128:132] == b"DICM"
-
-
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 
 
@@ -132,20 +122,15 @@ def class_folder_items(root: Path, set_name: str, layout: str) -> tuple[list[tup
     split of each or None when there are no split folders)."""
     split_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in SPLIT_ALIASES]
     tops = [(d, SPLIT_ALIASES[d.name.lower()]) for d in split_dirs] or [(root, None)]
-    suffixes = DICOM_SUFFIXES + IMAGE_SUFFIXES
     items, splits = [], []
     for top, split in tops:
         for label_dir in sorted(d for d in top.iterdir() if d.is_dir()):
-            for path in sorted(p for p in label_dir.rglob("*") if p.is_file() and _is_image(p, suffixes)):
+            for path in sorted(p for p in label_dir.rglob("*") if p.is_file() and is_image_file(p)):
                 items.append((path, label_dir.name))
                 splits.append(split)
     if not items:
         raise FileNotFoundError(f"{set_name}: no images in class folders under {root}. Expected layout:\n{layout}")
     return items, (splits if split_dirs else None)
-
-
-def _is_image(path: Path, suffixes) -> bool:
-    return path.suffix.lower() in suffixes or is_dicom(path)
 
 
 def split_name(value: str, where: str, set_name: str) -> str:
@@ -184,28 +169,6 @@ def group_rows(rows: Sequence[dict], splits: Sequence[str]) -> dict[str, list[di
 
 
 # ------------------------------------------------------------------------------------------------ images and masks
-
-
-def dicom_image(path: str, mode: str = "L", max_side: int | None = 512):
-    """A DICOM radiograph as a PIL image: `pexr.dicom.read_dicom`'s [0, 1] bone-bright float image, resized (PIL
-    bicubic on the float image) so that its longer side is at most `max_side`, quantised to 16 bits ("I;16") or
-    8 bits ("L")."""
-    from PIL import Image
-
-    from pexr.dicom import read_dicom
-
-    if mode not in ("I;16", "L"):
-        raise ValueError(f"dicom_mode={mode!r}: expected 'I;16' (16-bit) or 'L' (8-bit)")
-    pixels = np.asarray(read_dicom(path).image, dtype=np.float32)
-    image = Image.fromarray(pixels, mode="F")
-    if max_side and max(image.size) > max_side:
-        scale = max_side / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    array = np.clip(np.asarray(image), 0.0, 1.0)
-    if mode == "L":
-        return Image.fromarray((array * 255.0 + 0.5).astype(np.uint8), mode="L")
-    return Image.fromarray((array * 65535.0 + 0.5).astype(np.uint16))
 
 
 def png_bytes(image) -> dict:

@@ -9,13 +9,14 @@ the best validation macro AUC is kept. Test metrics: `auc/<label>` (labels with 
 
 Modes:
 - `full`: every tower parameter and the head train (AdamW; `lr` for the tower, `head_lr` for the head).
-- `lora` (default): `peft` LoRA (rank `lora_r`, scale `lora_alpha / lora_r`) on the tower's attention projections
-  and MLPs: by default every `nn.Linear` whose name is one of `DEFAULT_LORA_TARGETS` (`q_proj`, `k_proj`, `v_proj`,
-  `out_proj`, `fc1`, `fc2` in PedCLIP, CLIP and SigLIP towers; `o_proj`, `query`/`key`/`value`, `qkv` in other ViTs)
-  plus, in PedCLIP, the MoBE experts' stacked weights `fc1_weight` / `fc2_weight` (rank `lora_r` per expert, through
-  peft's `target_parameters`: peft's module LoRA only wraps `nn.Linear`/conv/embedding layers). `lora_targets`
-  names the modules instead; `lora_experts` forces the experts on or off (default: on when `lora_targets` is not
-  given). The base tower is frozen: only the LoRA matrices and the head train.
+- `lora` (default): `peft` LoRA (rank `lora_r`, scale `lora_alpha / lora_r`; `pedclip.lora.lora_config`) on the
+  tower's attention projections and MLPs: by default every `nn.Linear` whose name is one of
+  `pedclip.lora.DEFAULT_LORA_TARGETS` (`q_proj`, `k_proj`, `v_proj`, `out_proj`, `fc1`, `fc2` in PedCLIP, CLIP and
+  SigLIP towers; `o_proj`, `query`/`key`/`value`, `qkv` in other ViTs) plus, in PedCLIP, the MoBE experts' stacked
+  weights `fc1_weight` / `fc2_weight` (rank `lora_r` per expert, through peft's `target_parameters`: peft's module
+  LoRA only wraps `nn.Linear`/conv/embedding layers; no `lora_dropout` there). `lora_targets` names the modules
+  instead; `lora_experts` forces the experts on or off (default: on when `lora_targets` is not given). The base
+  tower is frozen: only the LoRA matrices and the head train.
 - `head`: the tower stays frozen; its pooled features are computed once and only the head trains (fast).
 
 Training works on a private copy of the adapter's model; the adapter passed in is left as it was. The run is
@@ -36,12 +37,9 @@ from eval.tasks.common import (
 )  # fmt: skip
 from eval.tasks.zero_shot import auc_metrics
 from eval.training import BatchSource, column, fit, predict, private_adapter, seeded, set_trainable, subsample
+from pedclip.lora import lora_config, lora_targets_of  # noqa: F401 (lora_targets_of: part of this module's API)
 
 MODES = ("full", "lora", "head")
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "o_proj", "query", "key", "value", "qkv")
-MLP_TARGETS = ("fc1", "fc2")
-DEFAULT_LORA_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
-EXPERT_PARAMETERS = ("fc1_weight", "fc2_weight")
 DEFAULT_LR = {"full": 3e-5, "lora": 5e-4, "head": 1e-3}
 VALIDATION_FRACTION = 0.1  # of train, when the data has no validation split
 TRAINING_OPTIONS = ("lr", "head_lr", "lora_r", "lora_alpha", "lora_targets", "lora_experts", "lora_dropout",
@@ -51,38 +49,14 @@ TRAINING_OPTIONS = ("lr", "head_lr", "lora_r", "lora_alpha", "lora_targets", "lo
 # ------------------------------------------------------------------------------------------------------ LoRA
 
 
-def lora_targets_of(tower: torch.nn.Module, targets=None) -> list[str]:
-    """Module names for LoRA: `targets` as given, else those of `DEFAULT_LORA_TARGETS` (attention projections and
-    MLP layers) present as `nn.Linear` leaves of `tower`."""
-    if targets is not None:
-        return list(targets)
-    present = {name.rsplit(".", 1)[-1] for name, m in tower.named_modules() if isinstance(m, torch.nn.Linear)}
-    found = [name for name in DEFAULT_LORA_TARGETS if name in present]
-    if not found:
-        raise ValueError(f"no nn.Linear named any of {DEFAULT_LORA_TARGETS} in the tower; pass lora_targets=")
-    return found
-
-
-def expert_parameters_of(tower: torch.nn.Module) -> list[str]:
-    """Names (last part) of the stacked `[E, ., .]` MoBE expert weights in `tower` (none outside PedCLIP)."""
-    names = {name.rsplit(".", 1)[-1] for name, p in tower.named_parameters() if p.ndim == 3}
-    return [name for name in EXPERT_PARAMETERS if name in names]
-
-
 def apply_lora(tower: torch.nn.Module, r: int = 8, alpha: float = 16, targets=None, experts: bool | None = None,
                dropout: float = 0.0) -> torch.nn.Module:  # fmt: skip
-    """Inject LoRA adapters into `tower` in place (peft) and freeze everything else; returns `tower`.
-    `experts=None` adapts the MoBE experts when `targets` is None and the tower has them."""
-    from peft import LoraConfig, inject_adapter_in_model
+    """Inject LoRA adapters into `tower` in place (peft; targets as `pedclip.lora.lora_config`) and freeze everything
+    else; returns `tower`. `experts=None` adapts the MoBE experts when `targets` is None and the tower has them."""
+    from peft import inject_adapter_in_model
 
-    targets, experts = as_list(targets), None if experts is None else as_bool(experts)
-    parameters = expert_parameters_of(tower) if experts or (experts is None and targets is None) else []
-    if experts and not parameters:
-        raise ValueError("lora_experts=True needs stacked MoBE expert weights (a PedCLIP tower)")
-    config = LoraConfig(
-        r=int(r), lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets_of(tower, targets),
-        target_parameters=parameters or None,
-    )  # fmt: skip
+    experts = None if experts is None else as_bool(experts)
+    config = lora_config(tower, r, alpha, as_list(targets), experts, dropout)
     set_trainable(tower, False)
     inject_adapter_in_model(config, tower)
     for name, param in tower.named_parameters():

@@ -31,9 +31,10 @@ from pedclip.checkpointing import load_checkpoint, resolve_checkpoint, save_chec
 from pedclip.data import PedCLIPCollator, load_training_dataset, make_dataloader
 from pedclip.distributed import global_contrastive_loss
 from pedclip.evaluation import embed_split, finding_eligibility, retrieval_recall, routing_accuracy, zero_shot_auc
-from pedclip.hub import push_folder
+from pedclip.model_card import TRAINING_STATS_FILE, render_card, trainer_records, training_statistics
+from pedclip.publish import push
 from pedclip.schedule import RoutingSchedule, parameter_groups
-from processing_pedclip import PedCLIPImageProcessor, PedCLIPProcessor
+from processing_pedclip import PedCLIPProcessor
 
 logger = logging.getLogger("pedclip.train")
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp of the learnable temperature
@@ -136,11 +137,7 @@ def build_model(args) -> tuple[PedCLIPModel, PedCLIPProcessor]:
     tokenizer_source = args.tokenizer or args.text_model
     if tokenizer_source is None:
         raise SystemExit("--model_config needs --tokenizer")
-    config = model.config
-    processor = PedCLIPProcessor(
-        PedCLIPImageProcessor(size=config.vision_config.image_size), AutoTokenizer.from_pretrained(tokenizer_source),
-        max_length=config.text_config.max_length, body_parts=config.body_parts,
-    )  # fmt: skip
+    processor = PedCLIPProcessor.for_config(model.config, AutoTokenizer.from_pretrained(tokenizer_source))
     if args.freeze_text_layers:
         for module in (model.text_model.embeddings, *model.text_model.encoder.layer[: args.freeze_text_layers]):
             module.requires_grad_(False)
@@ -309,20 +306,34 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def finish(self, wall_seconds: float) -> None:
-        """Save the Hub-ready folder (model + processor), evaluate on the test split, push if asked."""
+        """Save the Hub-ready folder: model, processor, training_stats.json, the test split's eval_results.json and
+        the model card README.md rendered from both; push if asked (a fresh, validated build of that folder)."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            output_dir = Path(self.args.output_dir)
+            args, output_dir = self.args, Path(self.args.output_dir)
             model = self.accelerator.unwrap_model(self.model)
             model.save_pretrained(output_dir)
             self.processor.save_pretrained(output_dir)
+            stats = training_statistics(
+                self.data["train"]["body_part"], args.dataset_name, steps=self.state["step"],
+                epochs=self.state["epoch"], teacher_forcing_epochs=args.teacher_forcing_epochs,
+                global_batch_size=args.per_device_train_batch_size * self.accelerator.num_processes
+                * args.gradient_accumulation_steps, train_wall_seconds=round(wall_seconds, 1),
+            )  # fmt: skip
+            (output_dir / TRAINING_STATS_FILE).write_text(json.dumps(stats, indent=2))
+            records = []
             if "test" in self.data:
-                results = evaluate(model, self.processor, self.collator, self.data["test"], self.args.eval_batch_size)
-                results.update(split="test", num_images=len(self.data["test"]), train_wall_seconds=round(wall_seconds, 1))
+                results = evaluate(model, self.processor, self.collator, self.data["test"], args.eval_batch_size)
+                results.update(dataset=stats["dataset"], split="test", num_images=len(self.data["test"]),
+                               train_wall_seconds=round(wall_seconds, 1))  # fmt: skip
                 (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
                 logger.info("test results (%s): %s", output_dir / "eval_results.json", json.dumps(results))
-            if self.args.push_to_hub:
-                push_folder(output_dir, self.args.hub_model_id, private=not self.args.hub_public)
+                records = trainer_records(results, output_dir.name)
+            card = render_card(output_dir.name, model.config, stats=stats, records=records, repo_id=args.hub_model_id,
+                               num_parameters=model.num_parameters())  # fmt: skip
+            (output_dir / "README.md").write_text(str(card), encoding="utf-8")
+            if args.push_to_hub:
+                push(output_dir, args.hub_model_id, private=not args.hub_public)
         self.accelerator.end_training()
 
 

@@ -17,11 +17,9 @@ metrics are the summary keys: `auc/macro` but not `auc/<label>` (a key "<m>/<x>"
 "<m>" is also a key) and no key with two slashes (the routing matrix cells); `details=True` adds one table per task
 and data set with the detail metrics as columns.
 
-`update_model_card(card_path, records)` writes the headline metrics of one model into model_card.md's YAML front
-matter as a Hub `model-index` (huggingface_hub `EvalResult`s; the CI goes in each metric's `args` as ci_low /
-ci_high), keeping the card's other metadata and its body text; the body's Markdown results table is refreshed only
-between the markers `RESULTS_START` / `RESULTS_END` when the card has them. With no card yet it writes a minimal one
-(library_name transformers, pipeline_tag zero-shot-image-classification, license, tags) with the markers.
+`update_model_card(card_path, records)` writes the headline metrics of one model into a model card's `model-index`
+and its results table (between `RESULTS_START` / `RESULTS_END`); it and the metric-key helpers live in
+`pedclip.model_card` (one writer for eval, `pedclip push` and the trainer) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -34,40 +32,26 @@ from pathlib import Path
 
 import numpy as np
 
-CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
+from pedclip.model_card import (  # noqa: F401  (re-exported: eval's model-card and metric-key API)
+    CI_HIGH,
+    CI_LOW,
+    DATASET_NAMES,
+    METRIC_TYPES,
+    RESULTS_END,
+    RESULTS_START,
+    TASK_TYPES,
+    eval_results,
+    format_value,
+    headline_keys,
+    is_ci,
+    minimal_card_text,
+    update_model_card,
+)
+
 ROUTING_PREFIX = "routing/"  # the routing task's matrix cells: routing/<body part>/<expert>
-RESULTS_START, RESULTS_END = "<!-- pedclip-eval-results:start -->", "<!-- pedclip-eval-results:end -->"
-TASK_TYPES = {
-    "zero_shot": "zero-shot-image-classification", "linear_probe": "image-classification",
-    "finetune": "image-classification", "concept_alignment": "image-classification",
-    "segmentation": "image-segmentation",
-}  # fmt: skip  (any other task: image-feature-extraction)
-DATASET_NAMES = {
-    "pedi_cxr": "Pedi-CXR (VinDr-PCXR)", "chd_cxr": "CHD-CXR", "grazpedwri_dx": "GRAZPEDWRI-DX",
-    "rsna_boneage": "RSNA Pediatric Bone Age", "pexr_mini": "PeXR-mini (synthetic)",
-}  # fmt: skip
-METRIC_TYPES = {"auc": "roc_auc", "mae": "mae", "dice": "dice", "gate_accuracy": "accuracy", "mean_recall": "recall"}
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-
-
-def is_ci(key: str) -> bool:
-    return key.endswith((CI_LOW, CI_HIGH))
-
-
-def headline_keys(metrics: dict) -> list[str]:
-    """The summary metrics of a flat metrics dict, in its order (see the module docstring)."""
-    keys = [k for k in metrics if not is_ci(k)]
-    present = set(keys)
-
-    def detail(key: str) -> bool:
-        if key.count("/") >= 2:
-            return True
-        root, _, leaf = key.partition("/")
-        return bool(leaf) and leaf != "macro" and (root in present or f"{root}/macro" in present)
-
-    return [k for k in keys if not detail(k)]
 
 
 def detail_keys(metrics: dict) -> list[str]:
@@ -75,19 +59,9 @@ def detail_keys(metrics: dict) -> list[str]:
     return [k for k in metrics if not is_ci(k) and k not in headline and k.count("/") < 2]
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(float(value))
-
-
 def format_cell(metrics: dict, key: str) -> str:
-    """'0.912 (0.881-0.940)': the value and its CI; 1 decimal from 10 up; '–' when missing or not finite."""
-    value = metrics.get(key)
-    if not _finite(value):
-        return "–"
-    digits = 1 if abs(value) >= 10 else 3
-    low, high = metrics.get(key + CI_LOW), metrics.get(key + CI_HIGH)
-    ci = f" ({low:.{digits}f}-{high:.{digits}f})" if _finite(low) and _finite(high) else ""
-    return f"{value:.{digits}f}{ci}"
+    """'0.912 (0.881-0.940)': the value of `key` and its CI (`pedclip.model_card.format_value`)."""
+    return format_value(metrics.get(key), metrics.get(key + CI_LOW), metrics.get(key + CI_HIGH))
 
 
 # ------------------------------------------------------------------------------------------------ Markdown
@@ -268,78 +242,3 @@ def write_results(records: list[dict], out_dir, details: bool = False, plots: bo
                                                for p in figures) + "\n"  # fmt: skip
     md_path.write_text(text, encoding="utf-8")
     return {"json": json_path, "markdown": md_path, **{f"figure{i}": p for i, p in enumerate(figures)}}
-
-
-# ------------------------------------------------------------------------------------------------ model card
-
-
-def eval_results(records: list[dict], model_name: str):
-    """huggingface_hub `EvalResult`s of `model_name`'s headline metrics (finite values; failed runs skipped)."""
-    from huggingface_hub import EvalResult
-
-    results = []
-    for r in records:
-        if r["model"] != model_name or r.get("error"):
-            continue
-        metrics = r.get("metrics", {})
-        for key in headline_keys(metrics):
-            if not _finite(metrics[key]):
-                continue
-            low, high = metrics.get(key + CI_LOW), metrics.get(key + CI_HIGH)
-            args = {"ci_low": float(low), "ci_high": float(high)} if _finite(low) and _finite(high) else None
-            results.append(EvalResult(
-                task_type=TASK_TYPES.get(r["task"], "image-feature-extraction"), task_name=r["task"],
-                dataset_type=r["dataset"], dataset_name=DATASET_NAMES.get(r["dataset"], r["dataset"]),
-                dataset_split=r["split"], metric_type=METRIC_TYPES.get(key.split("/")[0], key.split("/")[0]),
-                metric_name=key, metric_value=float(metrics[key]), metric_args=args,
-            ))  # fmt: skip
-    return results
-
-
-def _key(result) -> tuple:
-    return result.task_name, result.task_type, result.dataset_type, result.dataset_split, result.metric_name
-
-
-def _model_name(records: list[dict], card_name: str | None, model_name: str | None) -> str:
-    if model_name or card_name:
-        return model_name or card_name
-    models = sorted({r["model"] for r in records})
-    if len(models) != 1:
-        raise ValueError(f"the records hold several models {models}: pass model_name= to pick the card's model")
-    return models[0]
-
-
-def minimal_card_text(model_name: str, license: str = "apache-2.0") -> str:
-    from huggingface_hub import ModelCardData
-
-    data = ModelCardData(library_name="transformers", pipeline_tag="zero-shot-image-classification",
-                         license=license, tags=["pedclip", "vision-language", "medical-imaging", "pediatrics",
-                                                "x-ray", "mixture-of-experts"])  # fmt: skip
-    body = (f"# {model_name}\n\nPedCLIP, a CLIP-style vision-language model for pediatric X-rays with a Mixture of "
-            f"Body-part Experts.\n\n## Evaluation results\n\n{RESULTS_START}\n{RESULTS_END}\n")  # fmt: skip
-    return f"---\n{data.to_yaml()}\n---\n{body}"
-
-
-def update_model_card(card_path, records: list[dict], model_name: str | None = None, license: str = "apache-2.0"):
-    """Write `model_name`'s results (default: the card's model-index name, else the records' only model) into the
-    card's model-index, replacing entries of the same task, data set, split and metric and keeping the others, its
-    other metadata and its body; returns the `huggingface_hub.ModelCard` written to `card_path`."""
-    from huggingface_hub import ModelCard
-
-    card_path = Path(card_path)
-    existing = card_path.read_text(encoding="utf-8") if card_path.exists() else None
-    card = ModelCard(existing) if existing is not None else None
-    name = _model_name(records, card.data.model_name if card else None, model_name)
-    card = card or ModelCard(minimal_card_text(name, license))
-    new = eval_results(records, name)
-    keys = {_key(result) for result in new}
-    card.data.eval_results = [r for r in card.data.eval_results or [] if _key(r) not in keys] + new
-    card.data.model_name = name
-    if RESULTS_START in card.text and RESULTS_END in card.text:
-        head, rest = card.text.split(RESULTS_START, 1)
-        table = markdown_tables([r for r in records if r["model"] == name]).split("\n", 2)[2]  # without the title
-        table = table.strip().replace("\n## ", "\n### ")
-        card.text = f"{head}{RESULTS_START}\n{table}\n{RESULTS_END}{rest.split(RESULTS_END, 1)[1]}"
-    card_path.parent.mkdir(parents=True, exist_ok=True)
-    card_path.write_text(str(card), encoding="utf-8")
-    return card

@@ -176,7 +176,8 @@ def test_output_is_a_hub_ready_folder_and_offline_push_fails_clearly(one_process
     pushed = files_to_push(one_process_run)
     names = {p.name for p in pushed}
     assert {"config.json", "model.safetensors", "modeling_pedclip.py", "processor_config.json"} <= names
-    assert {"tokenizer.json", "eval_results.json"} <= names and not any("checkpoint" in n for n in names)
+    assert {"tokenizer.json", "README.md"} <= names and not any("checkpoint" in n for n in names)
+    assert "eval_results.json" not in names and "training_stats.json" not in names
     results = json.loads((one_process_run / "eval_results.json").read_text())
     assert {"routing_accuracy", "image_to_text_R@1", "zero_shot_auc"} <= results.keys()
     for path in pushed:

@@ -370,6 +370,12 @@ class PedCLIPProcessor(ProcessorMixin):
         return [*super().model_input_names, "body_part_labels"]
 
     @classmethod
+    def for_config(cls, config, tokenizer) -> "PedCLIPProcessor":
+        """The processor that matches a `PedCLIPConfig`: its image size, text `max_length` and body parts."""
+        image_processor = PedCLIPImageProcessor(size=config.vision_config.image_size)
+        return cls(image_processor, tokenizer, max_length=config.text_config.max_length, body_parts=config.body_parts)
+
+    @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs) -> list:
         """Load the image processor by class (no Auto registration needed) and the tokenizer with `AutoTokenizer`."""
         subfolder = kwargs.pop("subfolder", "")

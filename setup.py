@@ -10,7 +10,8 @@ EXTRAS = {
     # pylibjpeg-libjpeg (GPL-3.0) decodes JPEG Lossless and JPEG-LS, common in CR/DX archives; Pillow does JPEG 2000
     "dicom": ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1"],
     "curate": ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "datasets>=3.0", "matplotlib>=3.7"],
-    "lora": ["peft>=0.13"],
+    "lora": ["peft>=0.17"],  # LoRA on the stacked MoBE experts needs target_parameters
+    "cli": ["pyarrow>=14", "pyyaml", "pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1"],
     "test": ["pytest>=8", "pydicom>=3.0", "pydicom-data", "accelerate>=1.0", "datasets>=3.0", "matplotlib>=3.7"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
@@ -32,6 +33,7 @@ setup(
         "numpy>=1.24",
         "pillow>=10",
     ],
+    data_files=[("share/pedclip", ["model_card.md"])],  # the card template pedclip.model_card renders
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["pexr = pexr.cli:main"]},
+    entry_points={"console_scripts": ["pexr = pexr.cli:main", "pedclip = pedclip.cli:main"]},
 )

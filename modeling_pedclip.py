@@ -71,6 +71,11 @@ def gate_loss(gate_logits: tuple[torch.Tensor, ...], body_part_labels: torch.Ten
     return torch.stack(losses).mean()
 
 
+def mean_gate_logits(gate_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """`[B, E]` fp32 mean over MoBE layers of the gate logits: the model's body-part prediction for each image."""
+    return torch.stack(gate_logits).float().mean(0)
+
+
 # ----------------------------------------------------------------------------------------------------- vision tower
 class PedCLIPVisionEmbeddings(nn.Module):
     """CLS token + patch embeddings + learned position embeddings (ViT)."""
@@ -671,6 +676,6 @@ PedCLIPModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "PedCLIPModel", "PedCLIPVisionModel", "PedCLIPPreTrainedModel", "PedCLIPMoBE", "PedCLIPOutput",
-    "PedCLIPVisionOutput", "contrastive_loss", "gate_loss", "convert_hf_vit_state_dict", "convert_timm_vit_state_dict",
-    "upcycle_mlps",
+    "PedCLIPVisionOutput", "contrastive_loss", "gate_loss", "mean_gate_logits", "convert_hf_vit_state_dict",
+    "convert_timm_vit_state_dict", "upcycle_mlps",
 ]  # fmt: skip

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
 from configuration_pedclip import PedCLIPConfig
-from modeling_pedclip import PedCLIPModel, gate_loss
+from modeling_pedclip import PedCLIPModel, gate_loss, mean_gate_logits
 from pedclip.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from pedclip.data import PedCLIPCollator, load_training_dataset, make_dataloader
 from pedclip.distributed import global_contrastive_loss
@@ -164,7 +164,7 @@ def training_loss(model, batch: dict, router_mode: str, gate_weight: float) -> t
     logit_scale = unwrap(model).logit_scale
     contrastive = global_contrastive_loss(out.image_embeds, out.text_embeds, logit_scale)
     gate = gate_loss(out.gate_logits, batch["body_part_labels"])
-    gate_logits = torch.stack(out.gate_logits).mean(0).detach()
+    gate_logits = mean_gate_logits(out.gate_logits).detach()
     metrics = {
         "loss/contrastive": contrastive.detach(), "loss/gate": gate.detach(), "gate_loss_weight": gate_weight,
         "routing_accuracy": routing_accuracy(gate_logits, batch["body_part_labels"]),

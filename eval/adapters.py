@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from modeling_pedclip import mean_gate_logits
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 PREPROCESSING_FILES = (
     "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -187,7 +189,7 @@ class PedCLIPAdapter(ModelAdapter):
         chunks = []
         for start in range(0, len(images), batch_size):
             gates = self._vision_output(self.pixel_values(images[start : start + batch_size])).gate_logits
-            chunks.append(torch.stack(gates).float().mean(0).cpu().numpy())
+            chunks.append(mean_gate_logits(gates).cpu().numpy())
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.body_parts)), np.float32)
 
 

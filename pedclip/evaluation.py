@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from modeling_pedclip import mean_gate_logits
+
 
 @torch.no_grad()
 def embed_split(model, collator, rows, batch_size: int = 64, router_mode: str = "soft") -> dict[str, torch.Tensor]:
@@ -17,7 +19,7 @@ def embed_split(model, collator, rows, batch_size: int = 64, router_mode: str = 
         out = model(**batch, router_mode=router_mode)
         parts["image_embeds"].append(out.image_embeds)
         parts["text_embeds"].append(out.text_embeds)
-        parts["gate_logits"].append(torch.stack(out.gate_logits).mean(0))
+        parts["gate_logits"].append(mean_gate_logits(out.gate_logits))
         parts["body_part_labels"].append(batch["body_part_labels"])
     return {name: torch.cat(values) for name, values in parts.items()}
 

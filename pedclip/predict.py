@@ -30,7 +30,7 @@ import torch
 from huggingface_hub import is_offline_mode
 from transformers import AutoConfig
 
-from modeling_pedclip import PedCLIPModel
+from modeling_pedclip import PedCLIPModel, mean_gate_logits
 from pedclip.images import load_image
 from processing_pedclip import PedCLIPProcessor
 from pedclip.prompts import (
@@ -90,7 +90,7 @@ class PedCLIPEncoder:
         embeds = torch.nn.functional.normalize(output.pooler_output.float(), dim=-1).cpu().numpy()
         if not output.gate_logits:
             return embeds, None
-        return embeds, torch.stack(output.gate_logits).float().mean(0).softmax(-1).cpu().numpy()
+        return embeds, mean_gate_logits(output.gate_logits).softmax(-1).cpu().numpy()
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:

@@ -306,35 +306,40 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def finish(self, wall_seconds: float) -> None:
+        """Tear the process group down on every process together (a rank that left while the main process was still
+        saving could hang at exit), then, on the main process alone, write and push the Hub-ready folder."""
+        model = self.accelerator.unwrap_model(self.model)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            self.save_outputs(model, wall_seconds)
+
+    def save_outputs(self, model: PedCLIPModel, wall_seconds: float) -> None:
         """Save the Hub-ready folder: model, processor, training_stats.json, the test split's eval_results.json and
         the model card README.md rendered from both; push if asked (a fresh, validated build of that folder)."""
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            args, output_dir = self.args, Path(self.args.output_dir)
-            model = self.accelerator.unwrap_model(self.model)
-            model.save_pretrained(output_dir)
-            self.processor.save_pretrained(output_dir)
-            stats = training_statistics(
-                self.data["train"]["body_part"], args.dataset_name, steps=self.state["step"],
-                epochs=self.state["epoch"], teacher_forcing_epochs=args.teacher_forcing_epochs,
-                global_batch_size=args.per_device_train_batch_size * self.accelerator.num_processes
-                * args.gradient_accumulation_steps, train_wall_seconds=round(wall_seconds, 1),
-            )  # fmt: skip
-            (output_dir / TRAINING_STATS_FILE).write_text(json.dumps(stats, indent=2))
-            records = []
-            if "test" in self.data:
-                results = evaluate(model, self.processor, self.collator, self.data["test"], args.eval_batch_size)
-                results.update(dataset=stats["dataset"], split="test", num_images=len(self.data["test"]),
-                               train_wall_seconds=round(wall_seconds, 1))  # fmt: skip
-                (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-                logger.info("test results (%s): %s", output_dir / "eval_results.json", json.dumps(results))
-                records = trainer_records(results, output_dir.name)
-            card = render_card(output_dir.name, model.config, stats=stats, records=records, repo_id=args.hub_model_id,
-                               num_parameters=model.num_parameters())  # fmt: skip
-            (output_dir / "README.md").write_text(str(card), encoding="utf-8")
-            if args.push_to_hub:
-                push(output_dir, args.hub_model_id, private=not args.hub_public)
-        self.accelerator.end_training()
+        args, output_dir = self.args, Path(self.args.output_dir)
+        model.save_pretrained(output_dir)
+        self.processor.save_pretrained(output_dir)
+        stats = training_statistics(
+            self.data["train"]["body_part"], args.dataset_name, steps=self.state["step"],
+            epochs=self.state["epoch"], teacher_forcing_epochs=args.teacher_forcing_epochs,
+            global_batch_size=args.per_device_train_batch_size * self.accelerator.num_processes
+            * args.gradient_accumulation_steps, train_wall_seconds=round(wall_seconds, 1),
+        )  # fmt: skip
+        (output_dir / TRAINING_STATS_FILE).write_text(json.dumps(stats, indent=2))
+        records = []
+        if "test" in self.data:
+            results = evaluate(model, self.processor, self.collator, self.data["test"], args.eval_batch_size)
+            results.update(dataset=stats["dataset"], split="test", num_images=len(self.data["test"]),
+                           train_wall_seconds=round(wall_seconds, 1))  # fmt: skip
+            (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+            logger.info("test results (%s): %s", output_dir / "eval_results.json", json.dumps(results))
+            records = trainer_records(results, output_dir.name)
+        card = render_card(output_dir.name, model.config, stats=stats, records=records, repo_id=args.hub_model_id,
+                           num_parameters=model.num_parameters())  # fmt: skip
+        (output_dir / "README.md").write_text(str(card), encoding="utf-8")
+        if args.push_to_hub:
+            push(output_dir, args.hub_model_id, private=not args.hub_public)
 
 
 def main(argv=None) -> None:
